@@ -374,10 +374,7 @@ class Detector:
                 output.image_embeddings[chosen],
                 anomaly_maps[chosen],
                 [question_for(class_name)] * len(chosen),
-                [
-                    describe_findings(class_name, verdicts[i].anomalous, verdicts[i].regions)
-                    for i in chosen
-                ],
+                [describe_findings(verdicts[i].anomalous, verdicts[i].regions) for i in chosen],
             )
             for index, explanation in zip(chosen, explanations, strict=True):
                 answers[index] = choose_answer(explanation.text, verdicts[index])

@@ -244,7 +244,7 @@ def load_encoder(
     dtype: torch.dtype | None = None,
 ) -> Encoder:
     """Builds a frozen encoder from local weights (never downloads)."""
-    _register_configs()
+    register_model_configs()
     model_name = config.resolved_model_name
     if open_clip.get_model_config(model_name) is None:
         raise ConfigError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
@@ -265,7 +265,7 @@ def load_encoder(
     else:
         try:
             clip = open_clip.create_model(model_name, pretrained=str(weights_file))
-        except (RuntimeError, KeyError, ValueError, OSError) as error:
+        except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as error:
             first_line = str(error).strip().splitlines()[0][:200]
             raise WeightsError(
                 f"{weights_file}: cannot load as {model_name} weights ({first_line})"
@@ -292,7 +292,8 @@ def load_encoder(
 
 
 @cache
-def _register_configs() -> None:
+def register_model_configs() -> None:
+    """Makes the model configs shipped in pipeline/configs (the tiny preset) known to open_clip."""
     open_clip.add_model_config(CONFIG_DIR)
 
 

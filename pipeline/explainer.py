@@ -245,14 +245,15 @@ class Explainer(nn.Module):
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
     ) -> list[tuple[str, int]]:
         """Greedy batched generation; each answer is cut at its first stop string."""
+        from transformers import StoppingCriteriaList
+
         tokenizer = self.llm.tokenizer
         output = self.llm.model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
-            stop_strings=list(STOP_STRINGS),
-            tokenizer=tokenizer,
+            stopping_criteria=StoppingCriteriaList([_StopStrings(tokenizer)]),
             pad_token_id=tokenizer.pad_token_id,
         )  # (B, new tokens): with inputs_embeds only, generate returns just the continuation
 
@@ -313,6 +314,26 @@ def question_for(class_name: str | None, question: str = DEFAULT_QUESTION) -> st
     if not class_name:
         return question
     return f"This is a photo of a {class_name} for anomaly detection. {question}"
+
+
+class _StopStrings:
+    """Stops a sequence once its decoded answer holds a stop string.
+
+    Note:
+        transformers' own `stop_strings` needs a tokenizer whose vocabulary it can analyse, which
+        not every local tokenizer allows; decoding the few new tokens each step works for any.
+    """
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
+    ) -> torch.Tensor:
+        # Generating from inputs_embeds alone, input_ids holds only the new tokens.
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        done = [any(stop in text.lstrip() for stop in STOP_STRINGS) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _cut_at_stop(text: str) -> str:

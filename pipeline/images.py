@@ -52,8 +52,7 @@ def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.
         raise ImageError(f"{path}: not a file")
     if size > limits.max_bytes:
         raise ImageError(
-            f"{path}: file is {size / 2**20:.1f} MiB, above the {limits.max_bytes / 2**20:.0f} MiB "
-            "limit for one image"
+            f"{path}: file is {_size(size)}, above the {_size(limits.max_bytes)} limit per image"
         )
     return decode_image(path.read_bytes(), str(path), limits)
 
@@ -70,8 +69,7 @@ def decode_image(data: bytes, name: str, limits: ImageLimits = DEFAULT_LIMITS) -
         raise ImageError(f"{name}: empty image data")
     if len(data) > limits.max_bytes:
         raise ImageError(
-            f"{name}: {len(data) / 2**20:.1f} MiB of image data, above the "
-            f"{limits.max_bytes / 2**20:.0f} MiB limit"
+            f"{name}: {_size(len(data))} of image data, above the {_size(limits.max_bytes)} limit"
         )
     try:
         with warnings.catch_warnings():
@@ -130,6 +128,10 @@ def to_rgb(image: Image.Image, name: str) -> Image.Image:
 def _scale_16bit(pixels: np.ndarray) -> np.ndarray:
     """Maps 0..65535 onto 0..255 (not the clipping PIL's own conversion does)."""
     return ((pixels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
 
 
 def _check_size(size: tuple[int, int], name: str, limits: ImageLimits) -> None:

@@ -17,8 +17,12 @@ from PIL import Image
 from pipeline.decoder import tokens_to_grid, upsample
 from pipeline.errors import BankError
 
-MAX_BLOCK_ELEMENTS = 2**24
-"""Largest similarity block computed at once: 64 MiB in float32."""
+MAX_BLOCK_ELEMENTS = 2**19
+"""Largest similarity block computed at once (2 MiB in float32): small enough to stay in cache
+while it is reduced, large enough to keep the matmul efficient. Any bank size fits in bounded
+memory."""
+QUERY_CHUNK = 2048
+"""Most query patches matched at once."""
 
 
 def nearest_similarity(
@@ -39,16 +43,19 @@ def nearest_similarity(
         (M,) float32.
     """
     num_queries, num_rows = queries.shape[0], bank.shape[0]
-    query_chunk = max(1, min(num_queries, max_block_elements))
+    query_chunk = max(1, min(num_queries, QUERY_CHUNK, max_block_elements))
     bank_chunk = max(1, min(num_rows, max_block_elements // query_chunk))
     best = torch.full((num_queries,), -math.inf, device=queries.device, dtype=torch.float32)
+    block = queries.new_empty(query_chunk * bank_chunk)  # reused for every similarity block
 
     for query_start in range(0, num_queries, query_chunk):
         block_queries = queries[query_start : query_start + query_chunk]
         block_best = best[query_start : query_start + query_chunk]
         for row_start in range(0, num_rows, bank_chunk):
             row_stop = min(num_rows, row_start + bank_chunk)
-            similarity = block_queries @ bank[row_start:row_stop].T  # (m, n)
+            rows = bank[row_start:row_stop]
+            similarity = block[: len(block_queries) * len(rows)].view(len(block_queries), len(rows))
+            torch.mm(block_queries, rows.T, out=similarity)  # (m, n)
             if exclude is not None:
                 low, high = max(exclude[0], row_start), min(exclude[1], row_stop)
                 if low < high:
