@@ -31,11 +31,13 @@ from pipeline.explainer import Explainer, ExplainerConfig, agrees, describe_find
 from pipeline.llm import load_llm
 from pipeline.memory import MemoryBank, build_bank, leave_one_out_maps, rotations
 from pipeline.postprocess import (
+    DecisionRules,
     Fusion,
     Region,
     ScoreMode,
+    Verdict,
     answer_from_regions,
-    find_regions,
+    decide,
     fuse_maps,
     image_scores,
 )
@@ -43,6 +45,8 @@ from pipeline.prompts import TextFeatures
 
 logger = logging.getLogger(__name__)
 
+MAX_HELD_OUT = 8
+"""Normal images held out one at a time to calibrate a bank's threshold."""
 DEFAULT_THRESHOLDS = {Fusion.FEWSHOT: 0.1, Fusion.ZEROSHOT: 0.5, Fusion.MEAN: 0.3}
 """Thresholds used when neither the configuration nor the bank gives one; rarely right."""
 
@@ -100,16 +104,6 @@ class StageTimings:
 
     def to_dict(self) -> dict[str, float]:
         return {key: round(value, 6) for key, value in asdict(self).items()}
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The decision for one image, before any LLM explanation."""
-
-    score: float
-    anomalous: bool
-    threshold: float
-    regions: tuple[Region, ...]
 
 
 @dataclass(frozen=True)
@@ -230,24 +224,17 @@ class Detector:
         )
         return DEFAULT_THRESHOLDS[fusion]
 
+    @property
+    def rules(self) -> DecisionRules:
+        return DecisionRules(
+            self.config.score_mode, self.config.topk_fraction, self.config.min_region_area
+        )
+
     def decide(
         self, anomaly_maps: torch.Tensor, threshold: float, image_sizes: Sequence[tuple[int, int]]
     ) -> list[Verdict]:
         """Scores, verdicts and regions for (B, S, S) fused maps."""
-        scores = image_scores(anomaly_maps, self.config.score_mode, self.config.topk_fraction)
-        maps = anomaly_maps.float().cpu().numpy()
-        verdicts = []
-        for anomaly_map, score, (width, height) in zip(
-            maps, scores.tolist(), image_sizes, strict=True
-        ):
-            anomalous = score > threshold
-            regions = (
-                find_regions(anomaly_map, threshold, width, height, self.config.min_region_area)
-                if anomalous
-                else ()
-            )
-            verdicts.append(Verdict(score, anomalous, threshold, regions))
-        return verdicts
+        return decide(anomaly_maps, threshold, image_sizes, self.rules)
 
     def explainer(self) -> Explainer | None:
         """The LLM explainer, loaded on first use; None when none is configured."""
@@ -301,23 +288,14 @@ class Detector:
             stage_tokens.append([tokens.float().cpu() for tokens in output.patch_tokens])
         tokens = [torch.cat(stage) for stage in zip(*stage_tokens, strict=True)]  # (K * V, L, C)
 
-        threshold = None
-        held_out = leave_one_out_maps(tokens, len(views[0]), self.image_size)
-        if len(held_out) > 0:
-            if Fusion(self.config.fusion) is Fusion.MEAN:
-                normals = self.encode(self.prepare(images[: len(held_out)]))
-                zero_shot = self.zero_shot_maps(normals, [class_name] * len(held_out)).cpu()
-                held_out = fuse_maps(held_out, zero_shot, Fusion.MEAN)
-            scores = image_scores(held_out, self.config.score_mode, self.config.topk_fraction)
-            threshold = threshold_from_normal_scores(scores)
-            logger.info(
-                "bank of %d images: held-out normal scores %.4f..%.4f, threshold %.4f",
-                len(images),
-                float(scores.min()),
-                float(scores.max()),
-                threshold,
-            )
-        return build_bank(tokens, coreset_ratio, seed, threshold)
+        zero_shot = None
+        if Fusion(self.config.fusion) is Fusion.MEAN and len(images) > 1:
+            held_out = images[:MAX_HELD_OUT]
+            normals = self.encode(self.prepare(held_out))
+            zero_shot = self.zero_shot_maps(normals, [class_name] * len(held_out)).cpu()
+        return calibrated_bank(
+            tokens, len(views[0]), self.image_size, self.rules, coreset_ratio, seed, zero_shot
+        )
 
     @torch.inference_mode()
     def inspect(
@@ -407,6 +385,57 @@ class Detector:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
+
+
+def calibrated_bank(
+    tokens: Sequence[torch.Tensor],
+    views_per_image: int,
+    image_size: int,
+    rules: DecisionRules,
+    coreset_ratio: float | None = None,
+    seed: int = 0,
+    zero_shot: torch.Tensor | None = None,
+) -> MemoryBank:
+    """A bank from normal patch tokens, its threshold calibrated by leave-one-out.
+
+    Args:
+        tokens: one (K * V, L, C_i) tensor per stage, the V views of each image adjacent.
+        views_per_image: V.
+        image_size: side of the maps.
+        rules: how maps become scores.
+        coreset_ratio: keep this fraction of patches by greedy coreset.
+        seed: coreset seed.
+        zero_shot: zero-shot maps (K', S, S) of the first K' images, to calibrate mean fusion.
+
+    Returns:
+        The bank, with `threshold` set when there were at least two images.
+    """
+    threshold = None
+    held_out = leave_one_out_maps(tokens, views_per_image, image_size, MAX_HELD_OUT)
+    if len(held_out) > 0:
+        if zero_shot is not None:
+            held_out = fuse_maps(held_out, zero_shot[: len(held_out)], Fusion.MEAN)
+        scores = image_scores(held_out, rules.score_mode, rules.topk_fraction)
+        threshold = threshold_from_normal_scores(scores)
+        logger.info(
+            "bank of %d images: held-out normal scores %.4f..%.4f, threshold %.4f",
+            tokens[0].shape[0] // views_per_image,
+            float(scores.min()),
+            float(scores.max()),
+            threshold,
+        )
+    return build_bank(tokens, coreset_ratio, seed, threshold)
+
+
+def threshold_after_append(old_threshold: float | None, held_out_scores: torch.Tensor) -> float:
+    """The threshold of a bank grown by new normal images.
+
+    `held_out_scores` are the new images' scores against the bank before they joined it, honest
+    normal scores like the leave-one-out ones. A bigger bank only lowers normal scores, so the old
+    threshold stays a safe floor.
+    """
+    threshold = threshold_from_normal_scores(held_out_scores)
+    return threshold if old_threshold is None else max(threshold, old_threshold)
 
 
 def choose_answer(llm_answer: str, verdict: Verdict) -> tuple[str, AnswerSource]:

@@ -24,6 +24,7 @@ from torch import nn
 
 from pipeline.cache import file_sha256
 from pipeline.errors import ConfigError, WeightsError
+from pipeline.images import square_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -181,16 +182,8 @@ class Encoder(nn.Module):
         return self.clip.visual.conv1.weight.dtype
 
     def resize(self, image: Image.Image) -> np.ndarray:
-        """Resizes an RGB image to the encoder's square input, (S, S, 3) uint8.
-
-        Note:
-            The whole frame is squashed to a square instead of CLIP's resize-and-centre-crop: a
-            defect at the edge of a frame must not be cropped away.
-        """
-        size = self.image_size
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        """An RGB image as the encoder's square input, (S, S, 3) uint8 (`square_pixels`)."""
+        return square_pixels(image, self.image_size)
 
     def to_pixels(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 -> normalised (B, 3, S, S) on the encoder's device and dtype."""
@@ -289,6 +282,26 @@ def load_encoder(
     )
     clip = clip.to(device=device, dtype=dtype)
     return Encoder(clip, fingerprint, open_clip.get_tokenizer(model_name), normalisation).to(device)
+
+
+def describe_encoder(config: EncoderConfig) -> tuple[EncoderFingerprint, int]:
+    """(fingerprint, embedding dimension) of the encoder `config` builds, without building it.
+
+    Lets a process that never runs the encoder (the explainer) check checkpoints against it.
+    """
+    register_model_configs()
+    model_name = config.resolved_model_name
+    model_config = open_clip.get_model_config(model_name)
+    if model_config is None:
+        raise ConfigError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
+    _, weights_id = _resolve_weights(model_name, config)
+    vision = model_config["vision_cfg"]
+    taps = config.tap_blocks or evenly_spaced_taps(int(vision["layers"]), config.num_taps)
+    image_size = vision["image_size"]
+    image_size = int(image_size[0] if isinstance(image_size, list | tuple) else image_size)
+    return EncoderFingerprint(model_name, weights_id, tuple(taps), image_size), int(
+        model_config["embed_dim"]
+    )
 
 
 @cache

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import Checkpoint
+from pipeline.errors import CheckpointError
 from pipeline.llm import EMBEDDED_LLM, LoadedLLM
 from pipeline.postprocess import Region, join_words
 from pipeline.prompt_learner import PromptLearner
@@ -131,6 +132,11 @@ class Explainer(nn.Module):
         trained = checkpoint is not None and all(
             checkpoint.has(part) for part in ("prompt_learner", "image_projection")
         )
+        if trained and checkpoint.llm is not None and checkpoint.llm != llm.identity:
+            raise CheckpointError(
+                f"{checkpoint.path}: explainer parts made for LLM {checkpoint.llm}, but the "
+                f"configured LLM is {llm.identity}"
+            )
         grounding = Grounding(config.grounding)
         if grounding is Grounding.AUTO:
             grounding = Grounding.IMAGE if trained else Grounding.FINDINGS

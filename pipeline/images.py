@@ -110,6 +110,18 @@ def image_from_array(
     return image.convert("RGB")
 
 
+def square_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """The whole frame squashed to (size, size, 3) uint8, bicubic.
+
+    Note:
+        Squashing instead of CLIP's resize-and-centre-crop keeps the frame's edges: a defect at
+        the border must not be cropped away.
+    """
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def to_rgb(image: Image.Image, name: str) -> Image.Image:
     """Converts any decoded PIL mode to 8-bit RGB (16-bit scaled, alpha dropped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

@@ -142,6 +142,50 @@ def find_regions(
     return (regions[0], *kept)
 
 
+@dataclass(frozen=True)
+class DecisionRules:
+    """How a fused map becomes a verdict (the threshold aside, which is per product)."""
+
+    score_mode: ScoreMode = ScoreMode.MAX
+    topk_fraction: float = 0.01
+    min_region_area: float = 0.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision for one image, before any LLM explanation."""
+
+    score: float
+    anomalous: bool
+    threshold: float
+    regions: tuple[Region, ...]
+
+
+def decide(
+    anomaly_maps: torch.Tensor,
+    threshold: float,
+    image_sizes: list[tuple[int, int]] | tuple[tuple[int, int], ...],
+    rules: DecisionRules = DecisionRules(),
+) -> list[Verdict]:
+    """Scores, verdicts and regions for (B, S, S) fused maps of images of the given (w, h) sizes.
+
+    The same threshold applies to the image score and to the pixels that form regions; regions
+    are only reported for anomalous images.
+    """
+    scores = image_scores(anomaly_maps, rules.score_mode, rules.topk_fraction)
+    maps = anomaly_maps.float().cpu().numpy()
+    verdicts = []
+    for anomaly_map, score, (width, height) in zip(maps, scores.tolist(), image_sizes, strict=True):
+        anomalous = score > threshold
+        regions = (
+            find_regions(anomaly_map, threshold, width, height, rules.min_region_area)
+            if anomalous
+            else ()
+        )
+        verdicts.append(Verdict(score, anomalous, threshold, regions))
+    return verdicts
+
+
 def answer_from_regions(anomalous: bool, regions: tuple[Region, ...]) -> str:
     """AnomalyGPT's answer format, filled from the regions instead of an LLM."""
     if not anomalous:

@@ -3,6 +3,9 @@ tiny random causal LM with a real (locally trained) tokenizer."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from pipeline.detector import Detector, DetectorConfig
 from pipeline.encoder import Encoder, EncoderConfig, load_encoder
 from pipeline.images import load_image
 
+LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 SAMPLES = Path(__file__).resolve().parents[1] / "pipeline" / "samples"
 TINY_LLM_CORPUS = [
     "### Human: <Img> </Img> Is there any anomaly in the image?",
@@ -92,3 +96,27 @@ def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis: `$REDIS_URL`, else 127.0.0.1:6379 when it answers, else an embedded server
+    in a temporary directory for the session."""
+    from bankstore import EmbeddedRedis, RedisUnavailableError, connect
+
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    try:
+        connect(LOCAL_REDIS, retries=0).close()
+    except RedisUnavailableError:
+        server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+        yield server.start()
+        server.stop()
+    else:
+        yield LOCAL_REDIS
+
+
+@pytest.fixture
+def unique_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}:"

@@ -11,10 +11,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from deployments.cli import inspection
+from deployments.cli import banks, inspection
 from pipeline.errors import DefectscopeError
 
-COMMAND_MODULES = (inspection,)
+COMMAND_MODULES = (inspection, banks)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,9 +14,9 @@ from pipeline.errors import DefectscopeError
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipeline.detector import DetectorConfig, Inspection
+    from pipeline.detector import Detector, DetectorConfig, Inspection
+    from pipeline.memory import MemoryBank
 
-SAMPLES = Path(__file__).resolve().parents[2] / "pipeline" / "samples"
 PROGRESS_FROM = 8
 """Show a progress bar from this many images on."""
 
@@ -38,6 +38,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--augment", action="store_true", help="add rotated references (x4)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line per image")
     parser.add_argument("--heatmap-dir", type=Path, help="write an overlay PNG per image here")
+    parser.add_argument("--redis-url", help="bank store for --product (default: $REDIS_URL)")
+    parser.add_argument(
+        "--redis-prefix", help="key prefix (default: $DEFECTSCOPE_REDIS_PREFIX or defectscope:)"
+    )
     add_model_options(parser)
     parser.set_defaults(run=run_inspect)
 
@@ -130,7 +134,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     if references:
         bank = detector.build_bank(references, augment=args.augment, class_name=args.class_name)
     elif args.product:
-        bank = load_product_bank(detector, args.product)
+        bank, stored_class = load_product_bank(
+            detector, args.product, args.redis_url, args.redis_prefix
+        )
+        args.class_name = args.class_name or stored_class
 
     progress = len(images) >= PROGRESS_FROM and sys.stderr.isatty()
     results = detector.inspect(
@@ -143,9 +150,20 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def load_product_bank(detector: object, product: str) -> object:
-    """The stored bank of `product` (needs the bankstore package's Redis)."""
-    raise DefectscopeError(f"no bank store is available to load product {product!r}")
+def load_product_bank(
+    detector: Detector, product: str, url: str | None = None, prefix: str | None = None
+) -> tuple[MemoryBank, str | None]:
+    """The stored bank of `product` (carrying its calibrated threshold when one is set) and the
+    product's stored class name.
+
+    The store is `url` (else `$REDIS_URL`, else the embedded server) under `prefix` (else
+    `$DEFECTSCOPE_REDIS_PREFIX`); a bank made with another encoder is refused.
+    """
+    from bankstore import BankStore
+
+    store = BankStore.connect(url, prefix=prefix)
+    stored = store.get(product, fingerprint=detector.encoder.fingerprint)
+    return stored.bank, stored.info.class_name
 
 
 def format_result(path: Path, result: Inspection, as_json: bool) -> str:

@@ -141,3 +141,18 @@ def test_findings_sentences_and_agreement() -> None:
     )
     assert agrees("Yes, there is an anomaly", True) and not agrees("No, there is none", True)
     assert question_for(None) == "Is there any anomaly in the image?"
+
+
+def test_explainer_parts_for_another_llm_are_refused(tiny_llm, tmp_path: Path) -> None:
+    from pipeline.errors import CheckpointError
+
+    parts = Explainer(tiny_llm, EMBED_DIM)
+    save_checkpoint(
+        tmp_path / "other-llm",
+        FINGERPRINT,
+        {"prompt_learner": parts.prompt_learner, "image_projection": parts.image_projection},
+        llm="vicuna-7b:0123456789abcdef",
+    )
+    checkpoint = load_checkpoint(tmp_path / "other-llm", FINGERPRINT)
+    with pytest.raises(CheckpointError, match="made for LLM vicuna-7b"):
+        Explainer.from_config(ExplainerConfig(), tiny_llm, EMBED_DIM, checkpoint)
