@@ -11,10 +11,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from deployments.cli import banks, inspection
+from deployments.cli import banks, evaluation, inspection
 from pipeline.errors import DefectscopeError
 
-COMMAND_MODULES = (inspection, banks)
+COMMAND_MODULES = (inspection, banks, evaluation)
 
 
 def build_parser() -> argparse.ArgumentParser:
