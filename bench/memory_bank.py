@@ -12,8 +12,14 @@ whether the maxima agree.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from functools import partial
+from pathlib import Path
+
+# Run as a script, this file's directory (bench/) comes first on sys.path, and bench/pipeline.py
+# would hide the `pipeline` package: the repository root goes ahead of it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faiss
 import numpy as np

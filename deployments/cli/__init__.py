@@ -11,10 +11,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from deployments.cli import banks, evaluation, inspection
+from deployments.cli import banks, evaluation, inspection, service
 from pipeline.errors import DefectscopeError
 
-COMMAND_MODULES = (inspection, banks, evaluation)
+COMMAND_MODULES = (inspection, banks, service, evaluation)
 
 
 def build_parser() -> argparse.ArgumentParser:
