@@ -25,7 +25,7 @@ from pipeline.detector import DEFAULT_THRESHOLDS
 from pipeline.encoder import EncoderConfig, describe_encoder
 from pipeline.errors import ConfigError
 from pipeline.memory import MemoryBank
-from pipeline.postprocess import DecisionRules, Fusion, Region, ScoreMode, decide, fuse_maps
+from pipeline.postprocess import DecisionRules, Fusion, ScoreMode, Verdict, decide, fuse_maps
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,7 @@ logger = logging.getLogger(__name__)
 class Match:
     """The verdict for one frame, with the map the explainer and heatmaps need."""
 
-    score: float
-    anomalous: bool
-    threshold: float
-    regions: tuple[Region, ...]
+    verdict: Verdict
     anomaly_map: np.ndarray
     """(S, S) float16."""
     bank_version: int
@@ -165,10 +162,7 @@ class BankMatcher:
         metrics.STAGE_LATENCY.labels("match").observe(seconds)
         return [
             Match(
-                verdict.score,
-                verdict.anomalous,
-                verdict.threshold,
-                verdict.regions,
+                verdict,
                 maps_half[index],
                 version,
                 seconds,

@@ -89,12 +89,12 @@ class Explainer:
 
     async def explain(self, encoded: Encoded, match: Match, class_name: str | None) -> Answer:
         """Explains one frame from its encoder output and its verdict."""
-        verdict = Verdict(match.score, match.anomalous, match.threshold, match.regions)
+        verdict = match.verdict
         item = _Item(
             encoded.image_embedding,
             match.anomaly_map,
             question_for(class_name),
-            describe_findings(match.anomalous, match.regions),
+            describe_findings(verdict.anomalous, verdict.regions),
             verdict,
         )
         return await self.explain_batch(item)

@@ -231,7 +231,10 @@ class Ingress:
     def _heatmap(self, inspected: Any) -> str:
         match = inspected.match
         picture = overlay(
-            inspected.image, match.anomaly_map.astype(np.float32), match.threshold, match.regions
+            inspected.image,
+            match.anomaly_map.astype(np.float32),
+            match.verdict.threshold,
+            match.verdict.regions,
         )
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
@@ -354,7 +357,7 @@ class Ingress:
             )
             info = (await asyncio.to_thread(self.store.info, product)).current_info
             threshold = threshold_after_append(
-                info.threshold if info else None, torch.tensor([m.score for m in matches])
+                info.threshold if info else None, torch.tensor([m.verdict.score for m in matches])
             )
             bank = build_bank(tokens)
             published = await asyncio.to_thread(

@@ -99,11 +99,12 @@ class Inspector:
 
         encoded = self.encoder.encode.remote(EncodeRequest(pixels, frame.class_name))
         match: Match = await self.matcher.match.remote(frame.product, encoded, image.size)
+        verdict = match.verdict
 
         policy = self.options.policy_for(frame.line, frame.explain)
         explain = self.explainer is not None and (
             policy is ExplainPolicy.ALWAYS
-            or (policy is ExplainPolicy.ANOMALOUS and match.anomalous)
+            or (policy is ExplainPolicy.ANOMALOUS and verdict.anomalous)
         )
         result = Result(
             frame_id=frame.frame_id,
@@ -113,11 +114,11 @@ class Inspector:
             timestamp=frame.timestamp,
             received_at=frame.received_at,
             completed_at=time.time(),
-            score=match.score,
-            anomalous=match.anomalous,
-            threshold=match.threshold,
-            regions=tuple(region.to_dict() for region in match.regions),
-            answer=answer_from_regions(match.anomalous, match.regions),
+            score=verdict.score,
+            anomalous=verdict.anomalous,
+            threshold=verdict.threshold,
+            regions=tuple(region.to_dict() for region in verdict.regions),
+            answer=answer_from_regions(verdict.anomalous, verdict.regions),
             answer_source="regions",
             explanation=(ExplanationStatus.PENDING if explain else ExplanationStatus.NONE).value,
             timings={
