@@ -3,8 +3,8 @@
 For each bank size, both find every query patch's largest cosine similarity to the bank (the
 inner product of L2-normalised vectors, which is what Eq. 2 needs). Both sides get the bank
 normalised ahead of time (faiss at `add`, defectscope in `MemoryBank.prepared`) and normalise the
-queries inside the timed call. Prints the best-of-N seconds per side, the ratio ours / faiss, and
-whether the maxima agree.
+queries inside the timed call, and the two sides alternate. Prints the best-of-N seconds per side,
+the ratio ours / faiss, and whether the maxima agree.
 
     python bench/memory_bank.py [--sizes 1024 4096 51200] [--dims 1280] [--queries 256]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -29,13 +30,16 @@ import torch.nn.functional as F
 from pipeline.memory import MemoryBank, nearest_similarity
 
 
-def best_time(function, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def best_times(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple:
+    """Best-of-`repeats` seconds and last result of two functions, run alternately so that any
+    drift of a shared machine hits both alike."""
+    best, results = [float("inf"), float("inf")], [None, None]
     for _ in range(repeats):
-        started = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - started)
-    return best, result
+        for side, function in enumerate((first, second)):
+            started = time.perf_counter()
+            results[side] = function()
+            best[side] = min(best[side], time.perf_counter() - started)
+    return best[0], results[0], best[1], results[1]
 
 
 def ours(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -53,7 +57,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 51200])
     parser.add_argument("--dims", type=int, default=1280)
     parser.add_argument("--queries", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
@@ -75,8 +79,9 @@ def main() -> None:
         index.add(prepared.numpy())
         query_array = queries.numpy()
 
-        ours_time, ours_maxima = best_time(partial(ours, queries, prepared), arguments.repeats)
-        faiss_time, faiss_maxima = best_time(partial(theirs, query_array, index), arguments.repeats)
+        ours_time, ours_maxima, faiss_time, faiss_maxima = best_times(
+            partial(ours, queries, prepared), partial(theirs, query_array, index), arguments.repeats
+        )
         difference = float(np.abs(ours_maxima.numpy() - faiss_maxima).max())
         agree = "identical" if difference < 1e-5 else f"differ by {difference:.2e}"
         print(

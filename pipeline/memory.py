@@ -17,9 +17,10 @@ from PIL import Image
 from pipeline.decoder import tokens_to_grid, upsample
 from pipeline.errors import BankError
 
-MAX_BLOCK_ELEMENTS = 2**19
-"""Largest similarity block computed at once (2 MiB in float32): small enough to stay in cache
-while it is reduced, large enough to keep the matmul efficient. Any bank size fits in bounded
+MAX_BLOCK_ELEMENTS = 2**18
+"""Largest similarity block computed at once (1 MiB in float32, 1,024 bank rows for a frame's 256
+patches): small enough to stay in cache while it is reduced, large enough to keep the matmul
+efficient (bench/memory_bank.py measured larger blocks slower). Any bank size fits in bounded
 memory."""
 QUERY_CHUNK = 2048
 """Most query patches matched at once."""
@@ -41,6 +42,11 @@ def nearest_similarity(
 
     Returns:
         (M,) float32.
+
+    Note:
+        The cost is one (M x C) x (C x N) GEMM, as for faiss's IndexFlatIP; on the CPU the BLAS
+        decides. TODO(#2): on AMD Zen 4, torch's MKL sgemm runs about 10% behind the OpenBLAS
+        that faiss bundles (bench/memory_bank.py); an OpenBLAS-backed CPU path would close it.
     """
     num_queries, num_rows = queries.shape[0], bank.shape[0]
     query_chunk = max(1, min(num_queries, QUERY_CHUNK, max_block_elements))
