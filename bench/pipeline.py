@@ -96,6 +96,10 @@ def sustained_rate(client, prefix: str, data: list[bytes], rates: list[int], sec
     for rate in rates:
         line = f"rate-{rate}-{uuid.uuid4().hex[:6]}"
         key, results = f"{prefix}frames:{line}", f"{prefix}results:{line}"
+        # One frame first, so the line's stream is found and its consumer group made before timing.
+        warm_up = Frame(f"{line}-warm", line, "cam", "washer", time.time(), "jpeg", data[0])
+        client.xadd(key, {"frame": warm_up.to_message()})
+        client.xread({results: "0"}, block=60_000)
         total = int(rate * seconds)
         started = time.monotonic()
         for index in range(total):
@@ -113,9 +117,9 @@ def sustained_rate(client, prefix: str, data: list[bytes], rates: list[int], sec
             )
             client.xadd(key, {"frame": frame.to_message()})
         deadline = time.monotonic() + 2.0
-        while client.xlen(results) < total and time.monotonic() < deadline:
+        while client.xlen(results) < total + 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        kept_up = client.xlen(results) >= total
+        kept_up = client.xlen(results) >= total + 1
         print(
             f"  {rate:>4} frames/s for {seconds:.0f} s: {'kept up' if kept_up else 'fell behind'}"
         )

@@ -36,7 +36,11 @@ from pipeline.postprocess import answer_from_regions
 logger = logging.getLogger(__name__)
 
 MAX_PENDING_EXPLANATIONS = 256
-"""Explanations queued per replica at most; beyond it frames keep their regions' answer."""
+"""Explanations queued per replica at most; beyond it frames keep their regions' answer.
+
+TODO(#4): queued explanations live in this replica's memory; if it stops, their frames keep
+`explanation: pending` (the verdicts are stored). A stream of pending explanations would make them
+survive a replica."""
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,19 @@ def choose_device(args: AppArgs, component: str) -> str:
         return args.device
     if torch.cuda.is_available():
         return "cuda"
-    logger.warning("%s runs on the CPU: no GPU is visible to this replica", component)
+    if _assigned_gpus() > 0:
+        logger.warning("%s was given a GPU but CUDA is not usable: running on the CPU", component)
+    else:
+        logger.info("%s runs on the CPU (num_gpus is 0 in its ray_actor_options)", component)
     return "cpu"
+
+
+def _assigned_gpus() -> float:
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
 
 
 def start_metrics(args: AppArgs, component: str) -> tuple[str, SnapshotPublisher]:

@@ -48,8 +48,9 @@ def test_pipeline_benchmark(redis_url: str) -> None:
         "pipeline.py", "--frames", "16", "--concurrency", "4", "--rates", "2",
         "--rate-seconds", "2", "--redis-url", redis_url, "--port", str(free_port()),
     )  # fmt: skip
+    # Only that it measured: the figures themselves belong to full runs on a quiet machine.
     assert "pipeline / in-process throughput" in output
-    assert "largest sustained rate without loss: 2 frames/s" in output
+    assert "largest sustained rate without loss:" in output
 
 
 @pytest.mark.llm
