@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import httpx
 import msgpack
+import torch
 
 SAMPLES = ROOT / "pipeline" / "samples"
 
@@ -159,9 +160,11 @@ def main() -> None:
     args = {"preset": arguments.preset, "llm": None, "redis_url": arguments.redis_url,
             "redis_prefix": prefix, "device": arguments.device}  # fmt: skip
     batching = {"max_batch_size": arguments.batch_size, "batch_wait_timeout_s": 0.01}
+    # The encoder gets as many torch threads as the in-process side uses.
+    threads = {"torch_threads": torch.get_num_threads()}
     options = {
         "EncoderDecoder": {
-            "user_config": batching,
+            "user_config": {**batching, **threads},
             "ray_actor_options": {"num_cpus": 1, "num_gpus": gpus},
         },
         "BankMatcher": {"user_config": batching},

@@ -37,6 +37,8 @@ class Match:
     verdict: Verdict
     anomaly_map: np.ndarray
     """(S, S) float16."""
+    image_embedding: np.ndarray
+    """(C_emb,) float32, passed along from the encoder for the explainer's image token."""
     bank_version: int
     seconds: float
     """This frame's share of its batch's matching time."""
@@ -110,8 +112,23 @@ class BankMatcher:
             ScoreMode(options.score_mode), options.topk_fraction, options.min_region_area
         )
 
+    async def match_many(
+        self, products: list[str], encoded: list[Encoded], image_sizes: list[tuple[int, int]]
+    ) -> list[Match | Exception]:
+        """A batch the caller formed already (the Ingress batches concurrent frames): one handle
+        call for many frames. An unknown product fails only its own entries (an exception in the
+        list)."""
+        items = [
+            _Item(product, item, tuple(size))
+            for product, item, size in zip(products, encoded, image_sizes, strict=True)
+        ]
+        return await self.match_items(items)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def match_batch(self, items: list[_Item]) -> list[Match | Exception]:
+        return await self.match_items(items)
+
+    async def match_items(self, items: list[_Item]) -> list[Match | Exception]:
         metrics.BATCH_SIZE.labels("BankMatcher").observe(len(items))
         by_product: dict[str, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
@@ -164,6 +181,7 @@ class BankMatcher:
             Match(
                 verdict,
                 maps_half[index],
+                item.encoded.image_embedding,
                 version,
                 seconds,
                 item.encoded.seconds,

@@ -73,6 +73,10 @@ class BatchOptions:
 class EncoderOptions(BatchOptions):
     """EncoderDecoder's user_config."""
 
+    torch_threads: int | None = None
+    """CPU threads for torch on a replica without a GPU; None keeps Ray's (its num_cpus, at
+    least 1)."""
+
 
 @dataclass(frozen=True)
 class MatcherOptions(BatchOptions):

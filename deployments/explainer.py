@@ -16,7 +16,6 @@ from ray import serve
 from deployments import metrics
 from deployments.bank_matcher import Match
 from deployments.config import AppArgs, ExplainerOptions, from_mapping
-from deployments.encoder_decoder import Encoded
 from deployments.replica import choose_device, start_metrics
 from pipeline.checkpoint import load_checkpoint
 from pipeline.detector import choose_answer
@@ -87,11 +86,11 @@ class Explainer:
         self.explain_batch.set_max_batch_size(options.max_batch_size)
         self.explain_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
-    async def explain(self, encoded: Encoded, match: Match, class_name: str | None) -> Answer:
-        """Explains one frame from its encoder output and its verdict."""
+    async def explain(self, match: Match, class_name: str | None) -> Answer:
+        """Explains one frame from its match (verdict, map, image embedding)."""
         verdict = match.verdict
         item = _Item(
-            encoded.image_embedding,
+            match.image_embedding,
             match.anomaly_map,
             question_for(class_name),
             describe_findings(verdict.anomalous, verdict.regions),

@@ -77,6 +77,8 @@ STATUS_BY_ERROR = {
     ErrorCode.BANK_MISMATCH: 409,
     ErrorCode.FAILED: 500,
 }
+BANK_BATCH = 16
+"""Normal images encoded per call when building a bank."""
 QUERY_FIELDS = ("frame_id", "line", "camera", "product", "class_name", "explain", "timestamp")
 
 app = FastAPI(title="defectscope", description="Visual inspection for factory lines.")
@@ -320,13 +322,14 @@ class Ingress:
             frame = Frame(f"normal-{index}", "bank", "bank", product, time.time(), "jpeg", data)
             pictures.append(await asyncio.to_thread(frame.decode))
         views = [rotations(picture) if augment else [picture] for picture in pictures]
-        encoded = await asyncio.gather(
-            *(
-                self.encoder.encode.remote(EncodeRequest(square_pixels(view, size), class_name))
-                for picture_views in views
-                for view in picture_views
-            )
-        )
+        requests = [
+            EncodeRequest(square_pixels(view, size), class_name)
+            for picture_views in views
+            for view in picture_views
+        ]
+        encoded = []
+        for start in range(0, len(requests), BANK_BATCH):
+            encoded += await self.encoder.encode_many.remote(requests[start : start + BANK_BATCH])
         stacked = torch.from_numpy(np.stack([item.patch_tokens for item in encoded])).float()
         tokens = [stacked[:, stage] for stage in range(stacked.shape[1])]  # (K * V, L, C) each
         fingerprint = EncoderFingerprint.from_dict(model["fingerprint_dict"])
@@ -349,12 +352,13 @@ class Ingress:
         else:
             # The new images are not in the current bank: their scores against it are held out.
             first_views = [encoded[index * len(views[0])] for index in range(len(pictures))]
-            matches = await asyncio.gather(
-                *(
-                    self.matcher.match.remote(product, item, picture.size)
-                    for item, picture in zip(first_views, pictures, strict=True)
-                )
+            sizes = [picture.size for picture in pictures]
+            matches = await self.matcher.match_many.remote(
+                [product] * len(first_views), first_views, sizes
             )
+            failed = next((match for match in matches if isinstance(match, Exception)), None)
+            if failed is not None:
+                raise failed
             info = (await asyncio.to_thread(self.store.info, product)).current_info
             threshold = threshold_after_append(
                 info.threshold if info else None, torch.tensor([m.verdict.score for m in matches])

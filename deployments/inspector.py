@@ -1,8 +1,9 @@
 """One frame through the deployments: decode, encode, match, store the verdict, then (when the
 policy asks) explain and store the explained result. Shared by Ingress and StreamIngest.
 
-The encoder's output goes from the EncoderDecoder replica to the BankMatcher (and later the
-Explainer) as an object reference: the patch tokens never pass through the replica that runs this.
+The encoder's output goes from the EncoderDecoder replica to the BankMatcher as an object
+reference (the deployments batch concurrent frames themselves): the patch tokens never pass
+through the replica that runs this. The match carries the image embedding on to the Explainer.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ class Inspector:
         )
         written = await self.store(result)
         if explain and written:
-            self._schedule_explanation(frame, result, encoded, match)
+            self._schedule_explanation(frame, result, match)
         return Inspected(result, image, match)
 
     async def store(self, result: Result) -> bool:
@@ -157,21 +158,19 @@ class Inspector:
             metrics.FRAME_LATENCY.labels(line).observe(max(0.0, time.time() - result.received_at))
         return written
 
-    def _schedule_explanation(
-        self, frame: Frame, result: Result, encoded: object, match: Match
-    ) -> None:
+    def _schedule_explanation(self, frame: Frame, result: Result, match: Match) -> None:
         if len(self._explanations) >= MAX_PENDING_EXPLANATIONS:
             metrics.EXPLANATIONS.labels("skipped").inc()
             skipped = replace(result, explanation=ExplanationStatus.FAILED.value)
             task = asyncio.create_task(self._store_explanation(skipped))
         else:
-            task = asyncio.create_task(self._explain(frame, result, encoded, match))
+            task = asyncio.create_task(self._explain(frame, result, match))
         self._explanations.add(task)
         task.add_done_callback(self._explanations.discard)
 
-    async def _explain(self, frame: Frame, result: Result, encoded: object, match: Match) -> None:
+    async def _explain(self, frame: Frame, result: Result, match: Match) -> None:
         try:
-            answer = await self.explainer.explain.remote(encoded, match, frame.class_name)
+            answer = await self.explainer.explain.remote(match, frame.class_name)
             explained = result.with_explanation(
                 answer.text, answer.source, ExplanationStatus.DONE, answer.seconds
             )
