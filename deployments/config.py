@@ -144,6 +144,8 @@ class StreamOptions(IngressOptions):
 
     lines: tuple[str, ...] | list[str] = ()
     """Lines to consume; empty consumes every frames:<line> stream found."""
+    exclude_lines: tuple[str, ...] | list[str] = ()
+    """Line name patterns (fnmatch) this consumer leaves alone, e.g. lines another app reads."""
     group: str = "defectscope"
     read_count: int = 16
     """Entries read per XREADGROUP."""

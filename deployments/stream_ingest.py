@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
+from fnmatch import fnmatch
 from typing import Any
 
 import redis.asyncio
@@ -132,6 +133,13 @@ class StreamIngest:
         else:
             pattern = self.keys.frames("*")
             keys = {_text(key) async for key in self.redis.scan_iter(match=pattern, count=500)}
+        keys = {
+            key
+            for key in keys
+            if not any(
+                fnmatch(self.keys.line_of(key), pattern) for pattern in self.options.exclude_lines
+            )
+        }
         for key in keys - self.streams:
             try:
                 await self.redis.xgroup_create(key, self.options.group, id="0", mkstream=True)

@@ -84,6 +84,7 @@ def service(redis_url: str, tiny_llm_dir: Path, sample_dir: Path) -> Iterator[Se
                 "max_deliveries": 3,
                 "discover_interval_s": 0.5,
                 "lines": [],
+                "exclude_lines": [PAUSED_LINE],
             }
         },
         "Explainer": {"user_config": {"max_new_tokens": 6}},

@@ -90,7 +90,12 @@ def test_push_cli_into_redis_and_results_cli(service: Service, sample_dir: Path,
     assert "sent 7, accepted 7, rejected 0, retried 0, failed 0" in capsys.readouterr().out
 
     results_key = f"{service.prefix}results:cli-line"
-    wait_for(lambda: service.client.xlen(results_key) >= 7, 120, "seven verdicts on cli-line")
+
+    def verdicts_written() -> int:
+        entries = service.client.xrange(results_key)
+        return sum(fields[b"kind"] == b"verdict" for _, fields in entries)
+
+    wait_for(lambda: verdicts_written() >= 7, 120, "seven verdicts on cli-line")
     assert main(["results", "--line", "cli-line", "--json", *common]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     verdicts = [line for line in printed if line["kind"] == "verdict"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
 
 from deployments.messages import Frame
 from tests.deployments.conftest import (
@@ -293,20 +294,28 @@ def test_bank_published_while_frames_flow_is_picked_up(service: Service, sample_
     early = [frame(line, image, product=product) for _ in range(3)]
     for item in early:
         xadd_frame(service, item)
-    second = add_normals(service, product, normals[3:])
+    wait_for_results(service, line, {item.frame_id for item in early})
+    second = add_normals(service, product, normals[3:])  # frames keep flowing meanwhile
     assert second["version"] > first["version"] and second["num_patches"][0] == 8 * 256
+    # The matcher hears of the new version on its own (pub/sub, or its revision check).
+    matcher = serve.get_deployment_handle("BankMatcher", app_name="defectscope")
+
+    def switched() -> bool:
+        return matcher.bank_versions.remote().result().get(product) == second["version"]
+
+    wait_for(switched, 30, "the matcher to switch to the new bank version")
     late = [frame(line, image, product=product) for _ in range(3)]
     for item in late:
         xadd_frame(service, item)
 
     entries = wait_for_results(service, line, {item.frame_id for item in early + late})
     versions = {f: r["bank_version"] for f, k, r in entries if k == "verdict"}
+    assert {versions[item.frame_id] for item in early} == {first["version"]}
     assert {versions[item.frame_id] for item in late} == {second["version"]}
     # The bigger bank knows this good part better: lower scores, no restart needed.
     scores = {f: r["score"] for f, k, r in entries if k == "verdict"}
-    assert (
-        max(scores[item.frame_id] for item in late)
-        <= min(scores[item.frame_id] for item in early) + 1e-6
+    assert max(scores[item.frame_id] for item in late) < min(
+        scores[item.frame_id] for item in early
     )
 
 
@@ -399,6 +408,8 @@ def test_metrics_parse_and_cover_the_pipeline(service: Service, sample_dir: Path
     with service.http() as http:
         rust = sample_bytes(sample_dir)["rust"]
         http.post("/v1/inspect", params={"line": "metrics-line", "product": "washer"}, content=rust)
+        # And one through a stream, so the stream gauges have a line to report.
+        http.post("/v1/frames", params={"line": "metrics-line", "product": "washer"}, content=rust)
     # Other replicas' snapshots arrive every few seconds.
     wait_for(scraped_all, 60, "every metric family to have samples", interval_s=0.5)
     with_samples = {name for name, family in families.items() if family.samples}
