@@ -36,6 +36,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import redis
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -43,7 +44,13 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from bankstore import BankNotFoundError, BankStore, ProductNameError, connect
+from bankstore import (
+    BankNotFoundError,
+    BankStore,
+    ProductNameError,
+    RedisUnavailableError,
+    connect,
+)
 from deployments import metrics
 from deployments.config import AppArgs, IngressOptions, from_mapping
 from deployments.encoder_decoder import EncodeRequest
@@ -149,6 +156,8 @@ class Ingress:
             return await self._frame_error(request, error)
         except BackPressureError as error:
             return self._overloaded(error.status_code, str(error), error.retry_after_s)
+        except (RedisUnavailableError, redis.RedisError) as error:
+            return self._unavailable(error)
         finally:
             self.inflight -= 1
         result = inspected.result
@@ -167,11 +176,14 @@ class Ingress:
             frame = await self._read_frame(request)
         except FrameError as error:
             return await self._frame_error(request, error)
-        backlog = await self.queue.backlog(frame.line)
-        if backlog >= self.options.backlog_limit:
-            metrics.FRAMES.labels(metrics.LINE(frame.line), "rejected").inc()
-            return self._overloaded(429, f"line {frame.line} has {backlog} frames waiting")
-        entry = await self.queue.push(frame)
+        try:
+            backlog = await self.queue.backlog(frame.line)
+            if backlog >= self.options.backlog_limit:
+                metrics.FRAMES.labels(metrics.LINE(frame.line), "rejected").inc()
+                return self._overloaded(429, f"line {frame.line} has {backlog} frames waiting")
+            entry = await self.queue.push(frame)
+        except redis.RedisError as error:
+            return self._unavailable(error)
         return JSONResponse(
             {"frame_id": frame.frame_id, "line": frame.line, "entry_id": entry}, status_code=202
         )
@@ -180,7 +192,10 @@ class Ingress:
     async def result(self, frame_id: str, request: Request) -> Response:
         if (denied := self._authorise(request, admin=False)) is not None:
             return denied
-        found = await self.results.get(frame_id)
+        try:
+            found = await self.results.get(frame_id)
+        except redis.RedisError as error:
+            return self._unavailable(error)
         if found is None:
             return JSONResponse({"error": f"no result for frame {frame_id!r}"}, status_code=404)
         return JSONResponse(found.to_dict())
@@ -229,6 +244,17 @@ class Ingress:
             status_code=status,
             headers={"Retry-After": str(retry)},
         )
+
+    def _unavailable(self, error: Exception) -> Response:
+        """Redis is down: nothing was stored; the client should retry the frame."""
+        logger.warning("Redis unavailable: %s", error)
+        retry = str(max(1, self.options.retry_after_s))
+        return JSONResponse(
+            {"error": f"Redis unavailable ({str(error).splitlines()[0]}); nothing was stored, "
+             f"retry the frame"},
+            status_code=503,
+            headers={"Retry-After": retry},
+        )  # fmt: skip
 
     def _heatmap(self, inspected: Any) -> str:
         match = inspected.match

@@ -13,7 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.cli.inspection import add_model_options, detector_config, read_images
+from deployments.cli.inspection import (
+    add_model_options,
+    add_redis_options,
+    detector_config,
+    read_images,
+)
 from pipeline.errors import BankError, DefectscopeError
 
 if TYPE_CHECKING:
@@ -39,15 +44,7 @@ def _register_bank(commands: argparse._SubParsersAction) -> None:
     )
     actions = bank.add_subparsers(dest="bank_command", required=True, metavar="ACTION")
     store = argparse.ArgumentParser(add_help=False)
-    options = store.add_argument_group("bank store")
-    options.add_argument(
-        "--redis-url",
-        help="redis://, rediss:// or unix:// URL (default: $REDIS_URL, else embedded)",
-    )
-    options.add_argument(
-        "--redis-prefix",
-        help="key prefix (default: $DEFECTSCOPE_REDIS_PREFIX, else 'defectscope:')",
-    )
+    add_redis_options(store)
 
     add = actions.add_parser(
         "add",

@@ -10,7 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.cli.inspection import add_model_options, detector_config, read_images
+from deployments.cli.inspection import (
+    add_model_options,
+    add_redis_options,
+    detector_config,
+    read_images,
+)
 from pipeline.errors import DefectscopeError
 
 if TYPE_CHECKING:
@@ -208,7 +213,7 @@ def _register_calibrate(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--class-name", help="what the product is (default: as stored)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic anomalies")
-    parser.add_argument("--redis-url", help="the bank store (default: $REDIS_URL or embedded)")
+    add_redis_options(parser)
     parser.add_argument("--dry-run", action="store_true", help="compute, but store nothing")
     parser.add_argument("--json", action="store_true", help="print the calibration as JSON")
     add_model_options(parser)
@@ -224,7 +229,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from pipeline.detector import Detector, ExplainPolicy
     from pipeline.synthetic import SyntheticDataset
 
-    store = _connect_store(args.redis_url)
+    store = _connect_store(args.redis_url, args.redis_prefix)
     normals = _load_images(args.normal, "normal")
     defects = _load_images(args.defects, "defect") if args.defects else []
     config = replace(detector_config(args), explainer=None, explain=ExplainPolicy.NEVER)
@@ -286,12 +291,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connect_store(url: str | None) -> BankStore:
-    try:
-        from bankstore import BankStore
-    except ImportError as error:
-        raise DefectscopeError(f"the bank store is not available ({error})") from error
-    return BankStore.connect(url)
+def _connect_store(url: str | None, prefix: str | None) -> BankStore:
+    from bankstore import BankStore
+
+    return BankStore.connect(url, prefix=prefix)
 
 
 def _scores(

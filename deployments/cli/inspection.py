@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,12 +39,30 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--augment", action="store_true", help="add rotated references (x4)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line per image")
     parser.add_argument("--heatmap-dir", type=Path, help="write an overlay PNG per image here")
-    parser.add_argument("--redis-url", help="bank store for --product (default: $REDIS_URL)")
-    parser.add_argument(
-        "--redis-prefix", help="key prefix (default: $DEFECTSCOPE_REDIS_PREFIX or defectscope:)"
-    )
+    add_redis_options(parser)
     add_model_options(parser)
     parser.set_defaults(run=run_inspect)
+
+
+def add_redis_options(parser: argparse.ArgumentParser) -> None:
+    """--redis-url and --redis-prefix, for every command that talks to the bank store or streams."""
+    group = parser.add_argument_group("Redis")
+    group.add_argument(
+        "--redis-url",
+        help="redis://, rediss:// or unix:// URL (default: $REDIS_URL, else the embedded server)",
+    )
+    group.add_argument(
+        "--redis-prefix",
+        help="key prefix (default: $DEFECTSCOPE_REDIS_PREFIX, else 'defectscope:')",
+    )
+
+
+def redis_prefix(args: argparse.Namespace) -> str:
+    """The key prefix the options name, resolved as BankStore resolves it."""
+    from bankstore.keys import DEFAULT_PREFIX
+    from bankstore.store import PREFIX_ENV
+
+    return args.redis_prefix or os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

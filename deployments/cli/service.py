@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deployments.cli.inspection import add_redis_options, redis_prefix
 from pipeline.errors import DefectscopeError
 
 SAMPLES = Path(__file__).resolve().parents[2] / "pipeline" / "samples"
@@ -37,14 +38,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     push.add_argument("--max-frames", type=int, help="stop after this many frames")
     push.add_argument("--loop", action="store_true", help="start the source again at its end")
     push.add_argument("--class-name")
-    _add_redis_options(push)
+    add_redis_options(push)
     push.set_defaults(run=run_push)
 
     results = commands.add_parser("results", help="print a line's results as they arrive")
     results.add_argument("--line", required=True, action="append", help="repeat for more lines")
     results.add_argument("--follow", "-f", action="store_true", help="keep waiting for new results")
     results.add_argument("--json", action="store_true", help="one JSON object per line")
-    _add_redis_options(results)
+    add_redis_options(results)
     results.set_defaults(run=run_results)
 
     demo = commands.add_parser(
@@ -59,17 +60,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--llm", default="gemma3-270m", help="explainer LLM, or 'none'")
     demo.add_argument("--fps", type=float, default=1.0, help="frames per second per camera")
     demo.add_argument("--frames", type=int, help="frames per camera, then stop (default: forever)")
-    _add_redis_options(demo)
+    add_redis_options(demo)
     demo.set_defaults(run=run_demo)
-
-
-def _add_redis_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="default: $REDIS_URL, else the embedded server")
-    parser.add_argument(
-        "--redis-prefix",
-        default=os.environ.get("DEFECTSCOPE_REDIS_PREFIX", "defectscope:"),
-        help="key prefix (default: $DEFECTSCOPE_REDIS_PREFIX or defectscope:)",
-    )
 
 
 def _async_redis(args: argparse.Namespace) -> Any:
@@ -92,7 +84,7 @@ def run_push(args: argparse.Namespace) -> int:
             via=args.via,
             url=args.url,
             redis_client=client,
-            prefix=args.redis_prefix,
+            prefix=redis_prefix(args),
             fps=args.fps,
             max_inflight=args.max_inflight,
             max_frames=args.max_frames,
@@ -113,7 +105,7 @@ def run_results(args: argparse.Namespace) -> int:
 
     async def follow() -> None:
         client = _async_redis(args)
-        async for kind, result in tail_results(client, args.redis_prefix, args.line, args.follow):
+        async for kind, result in tail_results(client, redis_prefix(args), args.line, args.follow):
             if args.json:
                 print(json.dumps({"kind": kind, **result.to_dict()}), flush=True)
             else:
@@ -148,10 +140,10 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        app_args = {"llm": llm, "redis_url": url, "redis_prefix": args.redis_prefix}
+        app_args = {"llm": llm, "redis_url": url, "redis_prefix": redis_prefix(args)}
         serve.run(compose(app_args), name="defectscope", route_prefix="/")
 
-        store = BankStore.connect(url, prefix=args.redis_prefix)
+        store = BankStore.connect(url, prefix=redis_prefix(args))
         version = store.current_version(DEMO_PRODUCT)
         if version is None:
             images = [path.read_bytes() for path in sorted((SAMPLES / "normal").glob("*.jpg"))]
@@ -192,7 +184,7 @@ async def _cameras(args: argparse.Namespace, url: str, base: str) -> None:
 
     cameras = [
         push(source, DEMO_LINES[0], "cam-a", DEMO_PRODUCT, via="redis", redis_client=client,
-             prefix=args.redis_prefix, fps=args.fps, max_frames=args.frames, loop=True,
+             prefix=redis_prefix(args), fps=args.fps, max_frames=args.frames, loop=True,
              progress=False, on_sent=sent.add),
         push(source, DEMO_LINES[1], "cam-b", DEMO_PRODUCT, via="http", url=base, fps=args.fps,
              max_frames=args.frames, loop=True, progress=False, on_sent=sent.add),
@@ -201,7 +193,7 @@ async def _cameras(args: argparse.Namespace, url: str, base: str) -> None:
 
     async def printer() -> None:
         async for kind, result in tail_results(
-            client, args.redis_prefix, list(DEMO_LINES), follow=True, start=start
+            client, redis_prefix(args), list(DEMO_LINES), follow=True, start=start
         ):
             print(describe(kind, result), flush=True)
             if kind == "verdict":
