@@ -9,7 +9,8 @@
     GET    /v1/banks/{product}       versions, patch counts, bytes, fingerprint, calibration
     POST   /v1/banks/{product}/normals   add normal images (publish, or append a version)
     DELETE /v1/banks/{product}
-    GET    /healthz                  200 when Redis answers, else 503
+    GET    /healthz                  200 when Redis answers (with the stream consumer's state),
+                                     else 503
     GET    /metrics                  Prometheus exposition of every replica
 
 Frames are a msgpack frame message (`Content-Type: application/x-msgpack`, see
@@ -420,7 +421,11 @@ class Ingress:
             return JSONResponse(
                 {"status": "redis unavailable", "error": str(error)}, status_code=503
             )
-        return JSONResponse({"status": "ok", "replica": self.replica})
+        try:
+            stream = await asyncio.wait_for(self.stream.status.remote(), timeout=5)
+        except Exception as error:  # the stream consumer's state is reported, not required
+            stream = {"error": str(error).splitlines()[0] if str(error) else type(error).__name__}
+        return JSONResponse({"status": "ok", "replica": self.replica, "stream": stream})
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:

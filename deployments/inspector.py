@@ -185,8 +185,3 @@ class Inspector:
             await self.results.write_explanation(result)
         except Exception as error:  # Redis down: the verdict is stored; log and move on
             logger.warning("explanation of frame %s not stored: %s", result.frame_id, error)
-
-    async def drain(self, timeout_s: float) -> None:
-        """Waits for queued explanations (used at shutdown and by tests)."""
-        if self._explanations:
-            await asyncio.wait(set(self._explanations), timeout=timeout_s)

@@ -355,7 +355,10 @@ def test_tokens_guard_the_api(service: Service, sample_dir: Path) -> None:
     params = {"line": "auth-line", "product": "washer"}
     with service.http(token=None) as http:
         assert http.post("/v1/inspect", params=params, content=image).status_code == 401
-        assert http.get("/healthz").status_code == 200  # operations stay open
+        health = http.get("/healthz")  # operations stay open
+        assert health.status_code == 200 and health.json()["stream"]["consumer"].startswith(
+            "consumer-"
+        )
     with service.http(token="wrong") as http:
         assert http.post("/v1/inspect", params=params, content=image).status_code == 401
     with service.http() as http:  # the line token is not the admin token
